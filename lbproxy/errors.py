@@ -1,0 +1,30 @@
+"""The small error hierarchy shared by every layer; only the CLI turns these into exit codes."""
+
+from __future__ import annotations
+
+
+class LbproxyError(Exception):
+    """Base class for every error lbproxy raises on purpose."""
+
+
+class ConfigError(LbproxyError):
+    """One or more problems in the configuration, each tied to a key path."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {msg}" for key, msg in problems))
+
+    @classmethod
+    def single(cls, key_path: str, message: str) -> ConfigError:
+        return cls([(key_path, message)])
+
+    def lines(self) -> list[str]:
+        return [f"{key}: {msg}" for key, msg in self.problems]
+
+
+class DiscoveryError(LbproxyError):
+    """A discovery source read something it could not use (bad value, bad answer)."""
+
+
+class DecodeError(DiscoveryError):
+    """A value from etcd, the Kubernetes API or DNS could not be decoded."""
