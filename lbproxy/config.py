@@ -46,6 +46,7 @@ class ProbeConfig:
     cert_file: str = ""
     key_file: str = ""
     server_name: str = ""
+    insecure_skip_verify: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +146,11 @@ class _Reader:
     def string(self, key: str, default: str) -> str:
         return self._get(key, default, lambda v: v if isinstance(v, str) else None, "a string")
 
+    def boolean(self, key: str, default: bool) -> bool:
+        return self._get(
+            key, default, lambda v: v if isinstance(v, bool) else None, "true or false"
+        )
+
     def number(self, key: str, default: float, *, positive: bool = False) -> float:
         def check(v: Any) -> float | None:
             if isinstance(v, bool) or not isinstance(v, int | float):
@@ -234,6 +240,7 @@ def _probe(table: Mapping[str, Any], problems: list[tuple[str, str]]) -> ProbeCo
         cert_file=r.string("cert_file", d.cert_file),
         key_file=r.string("key_file", d.key_file),
         server_name=r.string("server_name", d.server_name),
+        insecure_skip_verify=r.boolean("insecure_skip_verify", d.insecure_skip_verify),
     )
     if cfg.jitter >= 1:
         r.problem("jitter", "must be < 1 (a fraction of the interval)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import string
 from dataclasses import dataclass
 from typing import Final
 
@@ -43,7 +44,8 @@ class Endpoint:
 
 
 def _check_port(text: str, original: str) -> int:
-    if not text.isdigit():
+    # isascii: str.isdigit() also accepts "²" (which int() rejects) and other scripts' digits.
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"invalid port in {original!r}")
     port = int(text)
     if not 1 <= port <= 65535:
@@ -59,7 +61,14 @@ def _check_host(host: str, original: str) -> str:
     except ValueError:
         pass
     labels = host.rstrip(".").split(".")
-    ok = all(
+    # Numbers-and-dots that ipaddress rejects ("010.0.0.1", "1.2.3", "0x7f000001") would
+    # reach the C resolver, whose inet_aton reads them as octal/hex/short IPv4 forms.
+    numeric = all(
+        label.isdigit()
+        or (label[:2].lower() == "0x" and all(c in string.hexdigits for c in label[2:]))
+        for label in labels
+    )
+    ok = not numeric and all(
         0 < len(label) <= 63
         and label[0] != "-"
         and label[-1] != "-"

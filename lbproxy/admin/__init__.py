@@ -1,0 +1,1 @@
+"""The admin HTTP server: health, readiness, the endpoint table and Prometheus metrics."""

@@ -1,0 +1,1 @@
+"""Discovery sources: each only turns what it reads into EndpointsDiscovered events."""

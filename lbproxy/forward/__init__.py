@@ -1,0 +1,1 @@
+"""The data path: accept clients, dial the pool's pick, and move bytes both ways."""
