@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from lbproxy.pool.states import STATE_CODES, State
@@ -31,31 +32,58 @@ class Stats:
     probe_results: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
+DIAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Histogram:
+    """A lock-free histogram for one event loop: an observation is a bisect and two adds
+    (prometheus-client's own takes a lock and walks every bucket, once per connection)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DIAL_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(DIAL_BUCKETS, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, n in zip((*DIAL_BUCKETS, float("inf")), self.counts, strict=True):
+            total += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
+        return out
+
+
 class Metrics:
     def __init__(self, runtime: Runtime) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.dial_duration = Histogram(
-            "lbproxy_dial_duration_seconds",
-            "Time to connect to an upstream endpoint.",
-            ["result"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=self.registry,
-        )
-        self._ok = self.dial_duration.labels("ok")
-        self._fail = self.dial_duration.labels("error")
-        self.registry.register(_PoolCollector(runtime))
+        self.dial_ok = Histogram()
+        self.dial_error = Histogram()
+        self.registry.register(_PoolCollector(runtime, self))
 
     def observe_dial(self, seconds: float, ok: bool) -> None:
-        (self._ok if ok else self._fail).observe(seconds)
+        (self.dial_ok if ok else self.dial_error).observe(seconds)
 
 
 class _PoolCollector(Collector):
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
         self.runtime = runtime
+        self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
         rt = self.runtime
         stats = rt.stats
+        dial = HistogramMetricFamily(
+            "lbproxy_dial_duration_seconds",
+            "Time to connect to an upstream endpoint.",
+            labels=["result"],
+        )
+        for result, hist in (("ok", self.metrics.dial_ok), ("error", self.metrics.dial_error)):
+            dial.add_metric([result], hist.cumulative(), hist.sum)
+        yield dial
         conns = GaugeMetricFamily(
             "lbproxy_endpoint_connections",
             "Open client connections per endpoint.",
