@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 
 class LbproxyError(Exception):
     """Base class for every error lbproxy raises on purpose."""
@@ -28,3 +31,19 @@ class DiscoveryError(LbproxyError):
 
 class DecodeError(DiscoveryError):
     """A value from etcd, the Kubernetes API or DNS could not be decoded."""
+
+
+def describe(exc: BaseException) -> str:
+    """A short, stable text for a network error, the same on asyncio and uvloop.
+
+    asyncio words a refused connect as "Connect call failed (...)", uvloop as
+    "Connection refused"; the errno says it the same way for both.
+    """
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve: {exc.strerror}"
+    if isinstance(exc, OSError):
+        if exc.errno:
+            return os.strerror(exc.errno)
+        if exc.strerror:
+            return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -7,7 +7,6 @@ that still completes the TCP handshake counts as failed once the timeout passes.
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 
 from lbproxy import __version__
 from lbproxy.config import ProbeConfig, ProbeKind
-from lbproxy.errors import ConfigError
+from lbproxy.errors import ConfigError, describe
 from lbproxy.model import Endpoint
 from lbproxy.pool.events import ProbeCompleted
 from lbproxy.pool.states import ProbeOutcome
@@ -101,7 +100,7 @@ class Checker:
         except ssl.SSLError as exc:
             return ProbeCompleted(ep, ProbeOutcome.FAILED, False, None, f"TLS: {exc.reason or exc}")
         except (OSError, ValueError, EOFError) as exc:
-            return ProbeCompleted(ep, ProbeOutcome.FAILED, False, None, _describe(exc))
+            return ProbeCompleted(ep, ProbeOutcome.FAILED, False, None, describe(exc))
         latency = time.monotonic() - started
         confirms = self.cfg.kind is ProbeKind.HTTPS and outcome in (
             ProbeOutcome.OK,
@@ -142,11 +141,3 @@ class Checker:
             return classify(answer)
         finally:
             writer.transport.abort()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve: {exc.strerror}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
