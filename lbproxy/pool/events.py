@@ -48,6 +48,10 @@ class DialSucceeded:
     """The forwarder connected a client to this endpoint; counts one open connection."""
 
     endpoint: Endpoint
+    # Pool.healthy_epoch when the candidates were taken; None if unknown. A dial that
+    # started before a healthy apiserver appeared may land on a fallback after the pool
+    # closed the fallbacks: the epoch tells the pool to close that one too.
+    epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

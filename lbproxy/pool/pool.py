@@ -14,7 +14,9 @@ The rules that fix the k3s etcd-only failure family:
   client connections closed, so clients reconnect to a live apiserver.
 * When a healthy apiserver appears while none was, the connections of every other
   endpoint (fallbacks: unconfirmed seeds, or endpoints used only because nothing was
-  healthy) are closed, so clients move over instead of sticking to a fixed peer.
+  healthy) are closed, so clients move over instead of sticking to a fixed peer. So are
+  those of an endpoint that drops out of the healthy tier while another healthy
+  apiserver remains (say, no longer listed by an authoritative source).
 * Never empty: with nothing healthy, every known endpoint is still a candidate.
 * A not-an-apiserver endpoint is never a candidate while a healthy apiserver exists.
 * A masterlease that disappears marks its endpoint failed at once; the probe that the
@@ -88,6 +90,7 @@ class Pool:
         self._fallback: list[Record] = []
         self._order: list[Endpoint] = []
         self._rr = 0
+        self._healthy_epoch = 0  # bumped each time a healthy apiserver appears after none
 
     # ----------------------------------------------------------------- queries
     @property
@@ -106,6 +109,11 @@ class Pool:
     @property
     def has_healthy_apiserver(self) -> bool:
         return bool(self._healthy)
+
+    @property
+    def healthy_epoch(self) -> int:
+        """Changes whenever a healthy apiserver appears while there was none."""
+        return self._healthy_epoch
 
     def candidates(self) -> list[Endpoint]:
         """Endpoints to dial for a new client connection, best first; empty only if none known."""
@@ -159,7 +167,7 @@ class Pool:
             case ProbeCompleted():
                 self._probe_completed(event, now, actions)
             case DialSucceeded():
-                changed = self._dial_succeeded(event.endpoint, now, actions)
+                changed = self._dial_succeeded(event, now, actions)
             case DialFailed():
                 self._failure(event.endpoint, f"dial: {event.error}", now, actions)
                 self._probe_soon(event.endpoint, now, actions)
@@ -204,14 +212,16 @@ class Pool:
                 self._probe_soon(ep, now, actions)
         for ep in sorted(added):
             self._add(ep, source, now, actions)
+        superseded = False
         if new and source in AUTHORITATIVE_SOURCES:
             # A live source now speaks for the cluster: drop what only the state file knew.
             for rec in list(self._records.values()):
                 if SOURCE_STATE in rec.sources:
+                    superseded = True
                     rec.sources.discard(SOURCE_STATE)
                     if not rec.sources:
                         self._remove(rec, f"superseded by {source}", actions)
-        if removed or added:
+        if removed or added or superseded:
             actions.append(PersistState())
 
     def _restored(self, known: Iterable[KnownEndpoint], now: float, actions: list[Action]) -> None:
@@ -260,7 +270,8 @@ class Pool:
             case _:
                 assert_never(event.outcome)
 
-    def _dial_succeeded(self, ep: Endpoint, now: float, actions: list[Action]) -> bool:
+    def _dial_succeeded(self, event: DialSucceeded, now: float, actions: list[Action]) -> bool:
+        ep = event.endpoint
         rec = self._records.get(ep)
         if rec is None:
             actions.append(CloseConnections(ep, "endpoint removed while dialling"))
@@ -268,6 +279,15 @@ class Pool:
         rec.connections += 1
         if rec.state is State.NOT_APISERVER and self._healthy:
             actions.append(CloseConnections(ep, "not an apiserver and a healthy one exists"))
+        elif (
+            self._healthy
+            and event.epoch is not None
+            and event.epoch != self._healthy_epoch
+            and not rec.healthy_apiserver
+        ):
+            actions.append(
+                CloseConnections(ep, "fallback dialled before a healthy apiserver appeared")
+            )
         if rec.state is State.FAILED:
             rec.last_success_at = now
             return True  # reorders the failed tier
@@ -326,12 +346,21 @@ class Pool:
 
     def _reconcile(self, had_healthy: bool, actions: list[Action]) -> None:
         """Recompute the order and the sticky target after anything that may change them."""
+        was_healthy = {rec.endpoint for rec in self._healthy}
         self._healthy, self._fallback = tiers(self._records.values())
         if self._healthy and not had_healthy:
-            for rec in self._fallback:
-                actions.append(
-                    CloseConnections(rec.endpoint, "fallback: a healthy apiserver is available")
-                )
+            self._healthy_epoch += 1
+        if self._healthy:
+            # Fallbacks lose their clients once a healthy apiserver exists: on the edge every
+            # other endpoint (not-an-apiserver ones too, though they left the order), and
+            # later any endpoint demoted from the healthy tier without becoming unusable
+            # (e.g. no longer confirmed: unusable ones were closed by _set_state already).
+            for rec in self._records.values():
+                demoted = rec.endpoint in was_healthy and rec.state not in UNUSABLE
+                if not rec.healthy_apiserver and (not had_healthy or demoted):
+                    actions.append(
+                        CloseConnections(rec.endpoint, "fallback: a healthy apiserver is available")
+                    )
         old = self._active
         healthy_eps = [r.endpoint for r in self._healthy]
         new: Endpoint | None
