@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -31,6 +32,15 @@ class DiscoveryError(LbproxyError):
 
 class DecodeError(DiscoveryError):
     """A value from etcd, the Kubernetes API or DNS could not be decoded."""
+
+
+# Errors of this host, not of the peer: the process or system is out of file
+# descriptors, buffers or memory. They say nothing about an endpoint's health.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def is_local_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS
 
 
 def describe(exc: BaseException) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any, assert_never
@@ -17,7 +19,7 @@ from lbproxy.config import Config
 from lbproxy.discovery import statefile
 from lbproxy.discovery.base import Source
 from lbproxy.discovery.static import seeds
-from lbproxy.errors import DiscoveryError, LbproxyError
+from lbproxy.errors import DiscoveryError, LbproxyError, describe, is_local_error
 from lbproxy.forward.protocol import Bridge, DialSettings
 from lbproxy.health.checks import Check, Checker
 from lbproxy.health.prober import Prober
@@ -46,6 +48,14 @@ from lbproxy.pool.states import ProbeOutcome, State
 log = structlog.get_logger("lbproxy")
 
 PERSIST_DEBOUNCE = 0.5
+LISTEN_BACKLOG = 4096
+ACCEPT_BATCH = 100  # asyncio's default backlog
+# asyncio reports "out of descriptors" at accept() once per pass of its accept loop, up
+# to `backlog` (4096) times per wakeup, every second while it lasts; one line per this
+# many seconds is enough.
+ACCEPT_ERROR_LOG_INTERVAL = 5.0
+ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"
+LOCAL_ERROR_RETRY = 1.0
 
 
 class Runtime:
@@ -87,6 +97,8 @@ class Runtime:
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()
         self._persist = asyncio.Event()
+        self._accept_errors = 0
+        self._accept_error_logged_at: float | None = None
         self.started = asyncio.Event()
 
     # ------------------------------------------------------------ clock
@@ -101,6 +113,9 @@ class Runtime:
     # ------------------------------------------------------------ Hub
     def candidates(self) -> list[Endpoint]:
         return self.pool.candidates()
+
+    def healthy_epoch(self) -> int:
+        return self.pool.healthy_epoch
 
     def healthy_apiservers(self) -> list[Endpoint]:
         return [ep for ep, rec in self.pool.records.items() if rec.healthy_apiserver]
@@ -209,7 +224,7 @@ class Runtime:
     async def run(self) -> None:
         """Serve until request_stop(); raises LbproxyError if a listener cannot start."""
         loop = self._loop = asyncio.get_running_loop()
-        loop.set_exception_handler(_loop_exception)
+        loop.set_exception_handler(self._loop_exception)
         self._prober = Prober(self.pool, self._safe_check, self.report)
         self._restore_state()
         if self.cfg.servers:
@@ -262,15 +277,28 @@ class Runtime:
 
     async def _listen(self, ep: Endpoint) -> asyncio.base_events.Server:
         assert self._loop is not None
+        # asyncio's own loop calls accept() up to `backlog` times per wakeup and, when out
+        # of descriptors, reports and schedules a retry for every one of those calls: with
+        # a 4096 backlog the retries feed each other into a busy loop. Give it a small
+        # batch, then raise the kernel's queue to LISTEN_BACKLOG on the same socket.
+        selector = isinstance(self._loop, asyncio.selector_events.BaseSelectorEventLoop)
         try:
             server = await self._loop.create_server(
-                Bridge.factory(self), ep.host, ep.port, backlog=4096, reuse_address=True
+                Bridge.factory(self),
+                ep.host,
+                ep.port,
+                backlog=ACCEPT_BATCH if selector else LISTEN_BACKLOG,
+                reuse_address=True,
             )
         except OSError as exc:
             raise LbproxyError(f"cannot listen on {ep}: {exc.strerror or exc}") from None
         for sock in server.sockets:
             addr = sock.getsockname()
             self.listen_addresses.append((addr[0], addr[1]))
+            if selector:
+                # A duplicate descriptor of the same socket: asyncio keeps the original.
+                with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+                    dup.listen(LISTEN_BACKLOG)
         return server
 
     async def _start_admin(self, ep: Endpoint) -> Any:
@@ -308,14 +336,42 @@ class Runtime:
             bridge.abort()
         log.info("lbproxy.drained", closed_at_deadline=left)
 
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != ACCEPT_ERROR_MESSAGE:
+            _loop_exception(loop, context)
+            return
+        self._accept_errors += 1
+        now = loop.time()
+        last = self._accept_error_logged_at
+        if last is not None and now - last < ACCEPT_ERROR_LOG_INTERVAL:
+            return
+        exc = context.get("exception")
+        log.error(
+            "listener.accept_failed",
+            error=describe(exc) if isinstance(exc, OSError) else repr(exc),
+            count=self._accept_errors,
+            interval=ACCEPT_ERROR_LOG_INTERVAL,
+        )
+        self._accept_errors = 0
+        self._accept_error_logged_at = now
+
     async def _safe_check(self, ep: Endpoint) -> ProbeCompleted:
-        try:
-            return await self.check(ep)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a probe bug must not stop probing
-            log.error("probe.crashed", endpoint=str(ep), error=repr(exc))
-            return ProbeCompleted(ep, ProbeOutcome.FAILED, False, None, f"probe error: {exc!r}")
+        while True:
+            try:
+                return await self.check(ep)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                if not is_local_error(exc):
+                    return ProbeCompleted(ep, ProbeOutcome.FAILED, False, None, describe(exc))
+                # This process is out of descriptors or memory: the probe never reached
+                # the endpoint, and failing it would close every connection it carries.
+                # Keep the probe in flight (the endpoint keeps its state) and retry.
+                log.info("probe.local_error", endpoint=str(ep), error=describe(exc))
+                await asyncio.sleep(LOCAL_ERROR_RETRY)
+            except Exception as exc:  # noqa: BLE001 - a probe bug must not stop probing
+                log.error("probe.crashed", endpoint=str(ep), error=repr(exc))
+                return ProbeCompleted(ep, ProbeOutcome.FAILED, False, None, f"probe error: {exc!r}")
 
     async def _supervise(self, source: Source) -> None:
         """Keep a source running; an unexpected crash is logged and the source restarted."""

@@ -22,6 +22,7 @@ from typing import Protocol, cast
 
 import structlog
 
+from lbproxy.errors import describe, is_local_error
 from lbproxy.model import Endpoint
 from lbproxy.pool.events import DialFailed, DialSucceeded, Event, UpstreamReset
 
@@ -44,6 +45,7 @@ class Hub(Protocol):
     dial: DialSettings
 
     def candidates(self) -> list[Endpoint]: ...
+    def healthy_epoch(self) -> int: ...
     def report(self, event: Event) -> None: ...
     def observe_dial(self, seconds: float, ok: bool) -> None: ...
     def track(self, bridge: Bridge) -> None:
@@ -219,6 +221,7 @@ class Bridge:
         hub = self.hub
         dial = hub.dial
         tried = 0
+        epoch = hub.healthy_epoch()
         for ep in list(hub.candidates()):
             if self.closed:
                 return
@@ -231,7 +234,13 @@ class Bridge:
                     )
             except (OSError, TimeoutError) as exc:
                 hub.observe_dial(loop.time() - started, False)
-                error = "dial timeout" if isinstance(exc, TimeoutError) else _describe(exc)
+                if is_local_error(exc):
+                    # Out of descriptors or memory here: that says nothing about the
+                    # endpoint (blaming it would fail it and close all its connections),
+                    # and every other candidate would fail the same way.
+                    log.warning("client.dial_local_error", endpoint=str(ep), error=describe(exc))
+                    break
+                error = "dial timeout" if isinstance(exc, TimeoutError) else describe(exc)
                 hub.report(DialFailed(ep, error))
                 log.info("upstream.dial_failed", endpoint=str(ep), error=error)
                 continue
@@ -239,13 +248,15 @@ class Bridge:
             if self.closed:  # the client left while we dialled
                 transport.abort()
                 return
-            self._wire(ep, transport, side)
+            self._wire(ep, transport, side, epoch)
             return
         if not self.closed:
             self.hub.rejected(tried)
             self.abort()
 
-    def _wire(self, ep: Endpoint, transport: asyncio.Transport, side: _UpstreamSide) -> None:
+    def _wire(
+        self, ep: Endpoint, transport: asyncio.Transport, side: _UpstreamSide, epoch: int
+    ) -> None:
         tune_transport(transport, self.hub.dial)
         transport.set_write_buffer_limits(high=self.hub.dial.buffer_size)
         client_tr = self.client.transport
@@ -261,7 +272,7 @@ class Bridge:
         if self.client.eof and transport.can_write_eof():
             transport.write_eof()
         self.hub.attach(self)
-        self.hub.report(DialSucceeded(ep))
+        self.hub.report(DialSucceeded(ep, epoch))
         if not self.closed:
             client_tr.resume_reading()
 
@@ -279,7 +290,7 @@ class Bridge:
         if self.closed:
             return
         if side is self.upstream and exc is not None and self.endpoint is not None:
-            self.hub.report(UpstreamReset(self.endpoint, _describe(exc)))
+            self.hub.report(UpstreamReset(self.endpoint, describe(exc)))
         self.close()
 
     def close(self) -> None:
@@ -303,9 +314,3 @@ class Bridge:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self.hub.release(self)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from lbproxy import __version__
 from lbproxy.config import ProbeConfig, ProbeKind
-from lbproxy.errors import ConfigError, describe
+from lbproxy.errors import ConfigError, describe, is_local_error
 from lbproxy.model import Endpoint
 from lbproxy.pool.events import ProbeCompleted
 from lbproxy.pool.states import ProbeOutcome
@@ -100,6 +100,8 @@ class Checker:
         except ssl.SSLError as exc:
             return ProbeCompleted(ep, ProbeOutcome.FAILED, False, None, f"TLS: {exc.reason or exc}")
         except (OSError, ValueError, EOFError) as exc:
+            if is_local_error(exc):
+                raise  # out of descriptors here: no verdict on the endpoint (see Runtime)
             return ProbeCompleted(ep, ProbeOutcome.FAILED, False, None, describe(exc))
         latency = time.monotonic() - started
         confirms = self.cfg.kind is ProbeKind.HTTPS and outcome in (

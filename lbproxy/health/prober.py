@@ -50,3 +50,6 @@ class Prober:
     async def _probe(self, ep: Endpoint) -> None:
         result = await self._check(ep)
         self._report(result)
+        # The pool has just scheduled this endpoint's next probe; when every probe was in
+        # flight the loop above sleeps with no deadline and must look again.
+        self._wake.set()

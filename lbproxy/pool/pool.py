@@ -88,6 +88,10 @@ class Pool:
         self._active: Endpoint | None = None
         self._healthy: list[Record] = []
         self._fallback: list[Record] = []
+        # Where sticky and least-connections choose: the healthy apiservers, or while
+        # there are none, the endpoints that pass probes without proving an apiserver
+        # (seeds behind a tcp/tls probe). Kept separate so policies work with any probe.
+        self._primary: list[Record] = []
         self._order: list[Endpoint] = []
         self._rr = 0
         self._healthy_epoch = 0  # bumped each time a healthy apiserver appears after none
@@ -117,11 +121,11 @@ class Pool:
 
     def candidates(self) -> list[Endpoint]:
         """Endpoints to dial for a new client connection, best first; empty only if none known."""
-        if self.settings.policy is Policy.STICKY or len(self._healthy) < 2:
+        if self.settings.policy is Policy.STICKY or len(self._primary) < 2:
             return self._order
-        # least-connections: fewest open connections among healthy apiservers, ties
+        # least-connections: fewest open connections among the primary endpoints, ties
         # rotated so that a burst of new connections spreads before counts catch up.
-        healthy = self._healthy
+        healthy = self._primary
         n = len(healthy)
         self._rr = (self._rr + 1) % n
         best = min(range(n), key=lambda i: (healthy[i].connections, (i - self._rr) % n))
@@ -362,13 +366,14 @@ class Pool:
                         CloseConnections(rec.endpoint, "fallback: a healthy apiserver is available")
                     )
         old = self._active
-        healthy_eps = [r.endpoint for r in self._healthy]
+        self._primary = self._healthy or [r for r in self._fallback if r.state is State.HEALTHY]
+        primary_eps = [r.endpoint for r in self._primary]
         new: Endpoint | None
-        if self._healthy:
-            new = old if old in healthy_eps else healthy_eps[0]
+        if primary_eps:
+            new = old if old in primary_eps else primary_eps[0]
         else:
             new = self._fallback[0].endpoint if self._fallback else None
-        order = healthy_eps + [r.endpoint for r in self._fallback]
+        order = [r.endpoint for r in self._healthy] + [r.endpoint for r in self._fallback]
         if new is not None and self.settings.policy is Policy.STICKY:
             order.remove(new)
             order.insert(0, new)

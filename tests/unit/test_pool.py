@@ -320,10 +320,11 @@ def test_sticky_moves_from_a_fallback_to_a_returning_healthy_apiserver() -> None
     assert pb.pool.active == SEED
     pb.connect(SEED)
     pb.play(discover(K8S, A))
-    assert pb.pool.candidates()[0] == A  # unchecked but discovered ranks before a seed
+    # A is discovered but not yet probed: the seed that passes its probes stays active
+    assert pb.pool.candidates() == [SEED, A]
     actions = pb.play(ok(A))
     assert pb.pool.active == A
-    assert of_type(actions, ActiveChanged) == []  # A was already the fallback choice
+    assert of_type(actions, ActiveChanged) == [ActiveChanged(SEED, A)]
     assert closed(actions) == {SEED}
 
 
@@ -556,17 +557,17 @@ def test_with_nothing_healthy_every_known_endpoint_is_a_candidate_in_fallback_or
     pb.play(not_api(N))
     assert not pb.pool.has_healthy_apiserver
     assert pb.pool.candidates() == [
+        seed_c,  # passes its probes (unconfirmed): the sticky pick while nothing is proven
         A,  # recovering, discovered
         E,  # unchecked, discovered
-        seed_c,  # seeds after discovered: healthy but unconfirmed before unchecked
-        SEED,
+        SEED,  # seeds after discovered
         C,  # failed: most recent success first
         B,
         D,  # never succeeded
         seed_b,  # failed seed last among the failed
         N,  # not an apiserver: the very last resort
     ]
-    assert pb.pool.active == A
+    assert pb.pool.active == seed_c
 
 
 def test_failed_endpoint_that_accepts_a_dial_moves_up_the_failed_tier() -> None:
@@ -1001,3 +1002,30 @@ def test_dial_to_a_healthy_apiserver_is_kept_whatever_the_epoch() -> None:
     pb = Playbook()
     pb.healthy_apiservers(A)
     assert closed(pb.play(DialSucceeded(A, pb.pool.healthy_epoch - 1))) == set()
+
+
+def test_sticky_holds_among_seeds_behind_a_tcp_probe() -> None:
+    """A tcp/tls probe never confirms an apiserver; the policy still keeps one target
+    instead of re-choosing by probe latency after every probe."""
+    pb = Playbook()
+    pb.play(discover(STATIC, A, B))
+    pb.play(ok(A, confirms=False, latency=0.05), ok(B, confirms=False, latency=0.0001))
+    first = pb.pool.active
+    assert first in (A, B)
+    for latency_a, latency_b in ((0.0001, 0.05), (0.05, 0.0001), (0.0001, 0.05)):
+        actions = pb.play(
+            ok(A, confirms=False, latency=latency_a), ok(B, confirms=False, latency=latency_b)
+        )
+        assert of_type(actions, ActiveChanged) == []
+        assert pb.pool.candidates()[0] == first
+
+
+def test_least_connections_spreads_over_seeds_behind_a_tcp_probe() -> None:
+    pb = Playbook(policy=Policy.LEAST_CONNECTIONS)
+    pb.play(discover(STATIC, A, B), ok(A, confirms=False), ok(B, confirms=False))
+    picks = []
+    for _ in range(4):
+        first = pb.pool.candidates()[0]
+        picks.append(first)
+        pb.connect(first)
+    assert sorted(picks) == [A, A, B, B]
