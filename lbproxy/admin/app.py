@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from lbproxy.runtime import Runtime
@@ -70,8 +69,8 @@ async def endpoints(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    body = generate_latest(rt.metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body, content_type = rt.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def make_app(rt: Runtime) -> web.Application:
