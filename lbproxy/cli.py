@@ -7,8 +7,6 @@ import asyncio
 import json
 import sys
 import tomllib
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,19 +61,26 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError.single("config", f"{path}: invalid TOML: {exc}") from None
 
 
+def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """The file's table for a flag to write into; a non-table is left for validation to
+    report, and the flag then writes into a throwaway table."""
+    table = data.setdefault(key, {})
+    return table if isinstance(table, dict) else {}
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The file's settings with the flags laid over them, validated together."""
     data = _read_toml(args.config) if args.config else {}
     if args.listen:
         data["listen"] = args.listen
     if args.server:
-        data.setdefault("servers", {})["addresses"] = args.server
+        _section(data, "servers")["addresses"] = args.server
     if args.admin is not None:
         data["admin"] = args.admin
     if args.state_file is not None:
         data["state_file"] = args.state_file
     if args.probe:
-        data.setdefault("probe", {})["kind"] = args.probe
+        _section(data, "probe")["kind"] = args.probe
     if args.log_format:
         data["log_format"] = args.log_format
     if args.log_level:
@@ -127,6 +132,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import urllib.error  # only here: about 3 MB resident that `run` does not need
+    import urllib.request
+
     from lbproxy.model import parse_hostport
 
     try:
@@ -135,8 +143,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"lbproxy status: --admin: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     url = f"http://{ep}/endpoints"
+    # The admin API is node-local: an http_proxy from the environment must not apply.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with opener.open(url, timeout=5) as resp:
             doc = json.load(resp)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)

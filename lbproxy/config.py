@@ -7,6 +7,7 @@ problems are reported at once, so an operator fixes a file in one pass.
 from __future__ import annotations
 
 import enum
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,8 @@ DEFAULT_LISTEN_ENDPOINT = Endpoint("127.0.0.1", 6445)
 DEFAULT_ADMIN_ENDPOINT = Endpoint("127.0.0.1", 6446)
 DEFAULT_STATE_FILE = "/var/lib/lbproxy/state.json"
 DEFAULT_K3S_DATA_DIR = "/var/lib/rancher/k3s"
+MAX_KEEPALIVE = 32767  # seconds; Linux's limit for TCP_KEEPIDLE and TCP_KEEPINTVL
+MAX_USER_TIMEOUT = (2**31 - 1) // 1000  # seconds; TCP_USER_TIMEOUT is an int of milliseconds
 
 
 class ProbeKind(enum.Enum):
@@ -155,9 +158,15 @@ class _Reader:
         def check(v: Any) -> float | None:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 return None
-            return float(v)
+            try:
+                return float(v)
+            except OverflowError:  # tomllib reads integers of any size
+                return math.inf
 
         value = self._get(key, default, check, "a number")
+        if not math.isfinite(value):  # TOML also has nan and inf
+            self.problem(key, "must be a finite number")
+            return default
         if positive and not value > 0:
             self.problem(key, "must be > 0")
         elif value < 0:
@@ -184,7 +193,8 @@ class _Reader:
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.string(key, default)
         if value not in choices:
-            self.problem(key, f"must be one of {', '.join(choices)}; got {value!r}")
+            shown = ", ".join(c or "''" for c in choices)
+            self.problem(key, f"must be one of {shown}; got {value!r}")
             return default
         return value
 
@@ -201,23 +211,41 @@ class _Reader:
     def finish(self) -> None:
         for key in self.table:
             if key not in self.seen:
-                self.problem(key, "unknown key")
+                self.problem(key or '""', "unknown key")
+
+
+def _parse_address(text: str, default_port: int | None = None) -> Endpoint:
+    try:
+        return parse_hostport(text, default_port)
+    except ValueError as exc:
+        message = str(exc)
+        if text.count(":") > 1 and "[" not in text and "[addr]:port" not in message:
+            # "::1:6445" reads as an IPv6 address without a port; say how to add one.
+            message += " (write IPv6 as [addr]:port)"
+        raise ValueError(message) from None
 
 
 def _addresses(
-    r: _Reader, key: str, default: tuple[str, ...], default_port: int | None
+    r: _Reader, key: str, texts: tuple[str, ...], default_port: int | None
 ) -> tuple[Endpoint, ...]:
     out = []
-    for i, text in enumerate(r.strings(key, default)):
+    for i, text in enumerate(texts):
         try:
-            out.append(parse_hostport(text, default_port))
+            out.append(_parse_address(text, default_port))
         except ValueError as exc:
             r.problems.append((f"{r.path(key)}[{i}]", str(exc)))
     return tuple(out)
 
 
 def _check_file(r: _Reader, key: str, value: str) -> None:
-    if value and not Path(value).is_file():
+    if not value:
+        return
+    try:
+        found = Path(value).is_file()
+    except OSError as exc:  # e.g. ENAMETOOLONG, EACCES on a parent directory
+        r.problem(key, f"cannot check {value}: {exc.strerror or exc}")
+        return
+    if not found:
         r.problem(key, f"file not found: {value}")
 
 
@@ -263,6 +291,15 @@ def _forward(table: Mapping[str, Any], problems: list[tuple[str, str]]) -> Forwa
         user_timeout=r.number("user_timeout", d.user_timeout),
         buffer_size=r.integer("buffer_size", d.buffer_size, low=4096, high=64 * 1024 * 1024),
     )
+    # The socket options take C ints: Linux caps keepalive times at 32767 s, and
+    # TCP_USER_TIMEOUT is milliseconds. A larger value cannot be set on a socket.
+    for key, value, high in (
+        ("keepalive_idle", cfg.keepalive_idle, MAX_KEEPALIVE),
+        ("keepalive_interval", cfg.keepalive_interval, MAX_KEEPALIVE),
+        ("user_timeout", cfg.user_timeout, MAX_USER_TIMEOUT),
+    ):
+        if value > high:
+            r.problem(key, f"must be <= {high}")
     r.finish()
     return cfg
 
@@ -349,14 +386,15 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     d = Config()
     r = _Reader(data, "", problems)
     default_port = r.integer("default_port", d.default_port, low=1, high=65535)
-    listen = _addresses(r, "listen", (DEFAULT_LISTEN,), None)
-    if "listen" in data and not listen and not problems:
+    before = len(problems)
+    listen = _addresses(r, "listen", r.strings("listen", (DEFAULT_LISTEN,)), None)
+    if "listen" in data and not listen and len(problems) == before:
         r.problem("listen", "must list at least one address")
     admin_text = r.string("admin", DEFAULT_ADMIN)
     admin: Endpoint | None = None
     if admin_text:
         try:
-            admin = parse_hostport(admin_text)
+            admin = _parse_address(admin_text)
         except ValueError as exc:
             r.problem("admin", str(exc))
     preset = r.choice("preset", "", ("", "k3s"))
@@ -376,8 +414,9 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     servers = r.table_("servers")
     if servers is not None:
         sr = _Reader(servers, "servers.", problems)
-        _addresses(sr, "addresses", (), default_port)  # validation only
-        cfg = replace(cfg, servers=sr.strings("addresses", ()))
+        addresses = sr.strings("addresses", ())
+        _addresses(sr, "addresses", addresses, default_port)  # validation only
+        cfg = replace(cfg, servers=addresses)
         sr.finish()
     if (t := r.table_("probe")) is not None:
         cfg = replace(cfg, probe=_probe(t, problems))
@@ -445,5 +484,8 @@ def apply_k3s_preset(cfg: Config) -> Config:
             key_file=str(agent / "client-k3s-controller.key"),
             server_name=probe.server_name or "kubernetes",
         )
-    kube = cfg.kubernetes or KubernetesConfig(kubeconfig=str(agent / "k3scontroller.kubeconfig"))
+    kube = cfg.kubernetes or KubernetesConfig()
+    if kube.kubeconfig == KubernetesConfig().kubeconfig:
+        # Not set explicitly (the default names the default data_dir): follow data_dir.
+        kube = replace(kube, kubeconfig=str(agent / "k3scontroller.kubeconfig"))
     return replace(cfg, etcd=etcd, probe=probe, kubernetes=kube)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -60,12 +61,18 @@ def _entry(item: Any, wall_offset: float, where: str) -> KnownEndpoint:
     last = item.get("last_success")
     if last is not None and (not isinstance(last, int | float) or isinstance(last, bool)):
         raise DiscoveryError(f"{where}.last_success: expected a number or null")
+    if isinstance(last, float) and not math.isfinite(last):
+        raise DiscoveryError(f"{where}.last_success: must be a finite number")
+    try:
+        last_at = None if last is None else float(last) - wall_offset
+    except OverflowError:  # an integer beyond float range
+        raise DiscoveryError(f"{where}.last_success: out of range") from None
     return KnownEndpoint(
         endpoint=ep,
         sources=frozenset(sources),
         state=state,
         confirmed_apiserver=bool(item.get("confirmed_apiserver", False)),
-        last_success_at=None if last is None else float(last) - wall_offset,
+        last_success_at=last_at,
     )
 
 
@@ -74,7 +81,9 @@ def decode(raw: bytes, *, wall_offset: float) -> tuple[tuple[KnownEndpoint, ...]
     and reported in the returned problem list, so one bad line does not lose the rest."""
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and integers past Python's
+        # digit limit; RecursionError comes from deeply nested arrays.
         raise DiscoveryError(f"not valid JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("endpoints"), list):
         raise DiscoveryError("expected an object with an 'endpoints' list")

@@ -88,7 +88,7 @@ def tune_transport(transport: asyncio.Transport, dial: DialSettings) -> None:
     sock = socket.socket(fileno=proxy.fileno())
     try:
         _tune_upstream(sock, dial)
-    except OSError as exc:  # the connection died already; the data path will notice
+    except (OSError, ValueError, OverflowError) as exc:  # dead already, or an absurd value
         log.debug("upstream.tune_failed", error=str(exc))
     finally:
         sock.detach()
