@@ -115,6 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 uvloop.run(main())
                 return EXIT_OK
         asyncio.run(main())
+    except ConfigError:
+        raise  # a source that reads its own files (a kubeconfig) found a problem: exit 2
     except LbproxyError as exc:
         import structlog
 

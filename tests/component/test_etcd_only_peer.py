@@ -87,7 +87,7 @@ async def test_traffic_moves_off_the_etcd_only_peer(
 
     # ... and new connections reach the apiserver, never the peer.
     for _ in range(5):
-        status, reader, writer = await get(port, ctx, "/version")
+        status, _reader, writer = await get(port, ctx, "/version")
         assert status.startswith(b"HTTP/1.1 200"), status
         writer.close()
     assert rt.pool.candidates()[0] == api_ep

@@ -49,7 +49,8 @@ async def test_https_with_client_cert_is_a_confirmed_healthy_apiserver(
     result = await https(api)(ep(api))
     assert result.outcome is ProbeOutcome.OK
     assert result.confirms_apiserver
-    assert result.latency is not None and result.latency > 0
+    assert result.latency is not None
+    assert result.latency > 0
     assert any(r.path_qs == "/readyz" for r in api.requests)
 
 
@@ -66,7 +67,8 @@ async def test_server_name_is_verified_against_the_certificate(api: FakeApiServe
     assert ok.outcome is ProbeOutcome.OK
     wrong = await https(api, server_name="not-in-the-cert.example")(ep(api))
     assert wrong.outcome is ProbeOutcome.FAILED
-    assert wrong.error is not None and "TLS" in wrong.error
+    assert wrong.error is not None
+    assert "TLS" in wrong.error
 
 
 async def test_etcd_only_supervisor_is_not_an_apiserver() -> None:
@@ -74,14 +76,16 @@ async def test_etcd_only_supervisor_is_not_an_apiserver() -> None:
         result = await https(peer)(ep(peer))
     assert result.outcome is ProbeOutcome.NOT_APISERVER
     assert not result.confirms_apiserver
-    assert result.error is not None and "apiserver disabled" in result.error
+    assert result.error is not None
+    assert "apiserver disabled" in result.error
 
 
 async def test_a_500_is_a_failure_with_the_status_in_the_error(api: FakeApiServer) -> None:
     api.ready = False
     result = await https(api)(ep(api))
     assert result.outcome is ProbeOutcome.FAILED
-    assert result.error is not None and result.error.startswith("HTTP 5")
+    assert result.error is not None
+    assert result.error.startswith("HTTP 5")
 
 
 async def test_a_frozen_server_fails_through_the_timeout(api: FakeApiServer) -> None:
@@ -104,7 +108,8 @@ async def test_untrusted_certificate_fails_the_tls_probe(api: FakeApiServer) -> 
         checker = Checker(ProbeConfig(kind=ProbeKind.TLS, timeout=0.5, ca_file=ca_path))
         result = await checker(ep(api))
     assert result.outcome is ProbeOutcome.FAILED
-    assert result.error is not None and result.error.startswith("TLS")
+    assert result.error is not None
+    assert result.error.startswith("TLS")
 
 
 async def test_tls_probe_completes_a_handshake_but_confirms_nothing(api: FakeApiServer) -> None:
@@ -127,14 +132,16 @@ async def test_tcp_probe_refused_and_ok() -> None:
         listener.close()
     assert refused.outcome is ProbeOutcome.FAILED
     assert refused.error == "Connection refused"
-    assert ok.outcome is ProbeOutcome.OK and not ok.confirms_apiserver
+    assert ok.outcome is ProbeOutcome.OK
+    assert not ok.confirms_apiserver
 
 
 async def test_unresolvable_name_says_so() -> None:
     checker = Checker(ProbeConfig(kind=ProbeKind.TCP, timeout=2.0))
     result = await checker(Endpoint("does-not-exist.invalid", 6443))
     assert result.outcome is ProbeOutcome.FAILED
-    assert result.error is not None and result.error.startswith("cannot resolve")
+    assert result.error is not None
+    assert result.error.startswith("cannot resolve")
 
 
 def test_unreadable_client_certificate_is_a_config_error(tmp_path: Path) -> None:

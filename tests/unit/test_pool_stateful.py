@@ -374,12 +374,15 @@ class PoolMachine(RuleBasedStateMachine):
     def candidates_follow_the_fallback_order(self) -> None:
         records = self.pool.records
         cands = self.pool.candidates()
-        if cands and not self.pool.has_healthy_apiserver:
-            # With no healthy apiserver the policy picks among the endpoints that pass
-            # probes without proving an apiserver (a tcp/tls probe): that pick leads, and
-            # the rest keep the tier order.
-            if records[cands[0]].state is State.HEALTHY:
-                cands = cands[1:]
+        # With no healthy apiserver the policy picks among the endpoints that pass probes
+        # without proving an apiserver (a tcp/tls probe): that pick leads, and the rest
+        # keep the tier order.
+        if (
+            cands
+            and not self.pool.has_healthy_apiserver
+            and records[cands[0]].state is State.HEALTHY
+        ):
+            cands = cands[1:]
         ranks = [fallback_rank(records[ep]) for ep in cands]
         assert ranks == sorted(ranks)
         for tier in (3, 4):  # failed: most recent success first
