@@ -99,6 +99,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lbproxy import log as logsetup
 
     logsetup.configure(cfg.log_format, cfg.log_level)
+    import structlog
+
+    for note in cfg.notes:
+        structlog.get_logger("lbproxy").warning("config.note", note=note)
     from lbproxy.app import build_runtime
 
     async def main() -> None:
@@ -118,8 +122,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError:
         raise  # a source that reads its own files (a kubeconfig) found a problem: exit 2
     except LbproxyError as exc:
-        import structlog
-
         structlog.get_logger("lbproxy").error("lbproxy.failed", error=str(exc))
         return EXIT_RUNTIME
     return EXIT_OK

@@ -116,6 +116,8 @@ class Config:
     etcd: EtcdConfig | None = None
     kubernetes: KubernetesConfig | None = None
     dns: DnsConfig | None = None
+    # Things worth a log line at start that are not errors (e.g. what a preset left out).
+    notes: tuple[str, ...] = ()
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -459,15 +461,28 @@ def load(path: str | Path) -> Config:
 
 
 def apply_k3s_preset(cfg: Config) -> Config:
-    """Fill in what an etcd-only k3s node already has on disk, unless set explicitly.
+    """Fill in what a k3s node has on disk, unless set explicitly.
 
     Reads (relative to data_dir): server/tls/etcd/{server-ca.crt,client.crt,client.key}
     for etcd; agent/{server-ca.crt,client-k3s-controller.crt,client-k3s-controller.key}
-    for the probe's TLS; agent/k3scontroller.kubeconfig for the Kubernetes source.
+    for the probe's TLS; agent/k3scontroller.kubeconfig (else agent/kubelet.kubeconfig)
+    for the Kubernetes source.
+
+    On a node's first boot k3s has not written these yet, and it needs lbproxy to join
+    the cluster: so what is missing is left out, with a note, instead of refusing to
+    start. The probe then goes without a client certificate (an apiserver's 401 still
+    counts as live) and, without the cluster CA, without verifying the serving
+    certificate; the Kubernetes source waits for a restart of lbproxy. The etcd source
+    keeps retrying until its files appear.
     """
     base = Path(cfg.data_dir)
     etcd_tls = base / "server" / "tls" / "etcd"
     agent = base / "agent"
+    notes = list(cfg.notes)
+
+    def present(*paths: Path) -> bool:
+        return all(_exists(p) for p in paths)
+
     etcd = cfg.etcd or EtcdConfig()
     etcd = replace(
         etcd,
@@ -476,16 +491,50 @@ def apply_k3s_preset(cfg: Config) -> Config:
         key_file=etcd.key_file or str(etcd_tls / "client.key"),
     )
     probe = cfg.probe
-    if probe.kind is ProbeKind.HTTPS and not probe.cert_file:
-        probe = replace(
-            probe,
-            ca_file=probe.ca_file or str(agent / "server-ca.crt"),
-            cert_file=str(agent / "client-k3s-controller.crt"),
-            key_file=str(agent / "client-k3s-controller.key"),
-            server_name=probe.server_name or "kubernetes",
-        )
-    kube = cfg.kubernetes or KubernetesConfig()
-    if kube.kubeconfig == KubernetesConfig().kubeconfig:
+    if probe.kind is ProbeKind.HTTPS:
+        cert, key = agent / "client-k3s-controller.crt", agent / "client-k3s-controller.key"
+        if not probe.cert_file:
+            if present(cert, key):
+                probe = replace(probe, cert_file=str(cert), key_file=str(key))
+            else:
+                notes.append(f"k3s preset: no {cert} yet: probing without a client certificate")
+        if not probe.ca_file and not probe.insecure_skip_verify:
+            ca = next(
+                (
+                    c
+                    for c in (agent / "server-ca.crt", base / "server/tls/server-ca.crt")
+                    if _exists(c)
+                ),
+                None,
+            )
+            if ca is not None:
+                probe = replace(probe, ca_file=str(ca))
+            else:
+                notes.append(
+                    f"k3s preset: no cluster CA under {base} yet: probes do not verify the "
+                    "serving certificate until lbproxy restarts"
+                )
+                probe = replace(probe, insecure_skip_verify=True)
+        probe = replace(probe, server_name=probe.server_name or "kubernetes")
+    kube = cfg.kubernetes
+    if kube is None or kube.kubeconfig == KubernetesConfig().kubeconfig:
         # Not set explicitly (the default names the default data_dir): follow data_dir.
-        kube = replace(kube, kubeconfig=str(agent / "k3scontroller.kubeconfig"))
-    return replace(cfg, etcd=etcd, probe=probe, kubernetes=kube)
+        candidates = (agent / "k3scontroller.kubeconfig", agent / "kubelet.kubeconfig")
+        found = next((c for c in candidates if _exists(c)), None)
+        if found is not None:
+            kube = replace(kube or KubernetesConfig(), kubeconfig=str(found))
+        elif kube is None:
+            notes.append(
+                f"k3s preset: no {candidates[0]} yet: Kubernetes discovery is off until "
+                "lbproxy restarts"
+            )
+        else:
+            kube = replace(kube, kubeconfig=str(candidates[0]))
+    return replace(cfg, etcd=etcd, probe=probe, kubernetes=kube, notes=tuple(notes))
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False

@@ -409,7 +409,12 @@ def _k3s_data_dir(tmp_path: Path) -> Path:
     data = tmp_path / "k3s"
     agent = data / "agent"
     agent.mkdir(parents=True)
-    for name in ("server-ca.crt", "client-k3s-controller.crt", "client-k3s-controller.key"):
+    for name in (
+        "server-ca.crt",
+        "client-k3s-controller.crt",
+        "client-k3s-controller.key",
+        "k3scontroller.kubeconfig",
+    ):
         (agent / name).write_text("x")
     return data
 
@@ -477,14 +482,37 @@ def test_k3s_preset_leaves_a_tcp_probe_alone(tmp_path: Path) -> None:
     assert (cfg.probe.ca_file, cfg.probe.cert_file, cfg.probe.key_file) == ("", "", "")
 
 
-def test_k3s_preset_reports_missing_agent_files(tmp_path: Path) -> None:
-    lines = problems_of({"preset": "k3s", "data_dir": str(tmp_path)})
+def test_k3s_preset_on_first_boot_leaves_out_what_k3s_has_not_written_yet(
+    tmp_path: Path,
+) -> None:
+    """k3s needs lbproxy to join, so lbproxy must start before k3s writes its files."""
+    cfg = from_mapping({"preset": "k3s", "data_dir": str(tmp_path)})
     agent = tmp_path / "agent"
-    assert lines == [
-        f"probe.ca_file: file not found: {agent / 'server-ca.crt'}",
-        f"probe.cert_file: file not found: {agent / 'client-k3s-controller.crt'}",
-        f"probe.key_file: file not found: {agent / 'client-k3s-controller.key'}",
-    ]
+    assert (cfg.probe.cert_file, cfg.probe.key_file, cfg.probe.ca_file) == ("", "", "")
+    assert cfg.probe.insecure_skip_verify
+    assert cfg.kubernetes is None
+    assert cfg.etcd is not None  # keeps retrying until its files appear
+    assert cfg.notes == (
+        f"k3s preset: no {agent / 'client-k3s-controller.crt'} yet: probing without a "
+        "client certificate",
+        f"k3s preset: no cluster CA under {tmp_path} yet: probes do not verify the serving "
+        "certificate until lbproxy restarts",
+        f"k3s preset: no {agent / 'k3scontroller.kubeconfig'} yet: Kubernetes discovery "
+        "is off until lbproxy restarts",
+    )
+
+
+def test_k3s_preset_falls_back_to_the_kubelet_kubeconfig_and_server_ca(tmp_path: Path) -> None:
+    agent = tmp_path / "agent"
+    agent.mkdir()
+    (agent / "kubelet.kubeconfig").write_text("x")
+    (tmp_path / "server" / "tls").mkdir(parents=True)
+    (tmp_path / "server" / "tls" / "server-ca.crt").write_text("x")
+    cfg = from_mapping({"preset": "k3s", "data_dir": str(tmp_path)})
+    assert cfg.kubernetes is not None
+    assert cfg.kubernetes.kubeconfig == str(agent / "kubelet.kubeconfig")
+    assert cfg.probe.ca_file == str(tmp_path / "server" / "tls" / "server-ca.crt")
+    assert not cfg.probe.insecure_skip_verify
 
 
 # ---------------------------------------------------------------- flags over the file
