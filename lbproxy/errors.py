@@ -51,6 +51,8 @@ def describe(exc: BaseException) -> str:
     """
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve: {exc.strerror}"
+    if isinstance(exc, TimeoutError) and not exc.errno and not str(exc):
+        return "timed out"
     if isinstance(exc, OSError):
         if exc.errno:
             return os.strerror(exc.errno)

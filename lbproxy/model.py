@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -41,6 +42,11 @@ class Endpoint:
         except ValueError:
             return False
         return True
+
+
+def names(endpoints: Iterable[Endpoint]) -> list[str]:
+    """Endpoints as sorted "host:port" strings, for log lines and messages."""
+    return sorted(str(e) for e in endpoints)
 
 
 def _check_port(text: str, original: str) -> int:

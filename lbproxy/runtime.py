@@ -20,10 +20,10 @@ from lbproxy.discovery import statefile
 from lbproxy.discovery.base import Source
 from lbproxy.discovery.static import seeds
 from lbproxy.errors import DiscoveryError, LbproxyError, describe, is_local_error
-from lbproxy.forward.protocol import Bridge, DialSettings
+from lbproxy.forward.protocol import Bridge
 from lbproxy.health.checks import Check, Checker
 from lbproxy.health.prober import Prober
-from lbproxy.model import Endpoint
+from lbproxy.model import Endpoint, names
 from lbproxy.pool.actions import (
     Action,
     ActiveChanged,
@@ -76,14 +76,7 @@ class Runtime:
                 probe_jitter=cfg.probe.jitter,
             )
         )
-        self.dial = DialSettings(
-            timeout=cfg.forward.dial_timeout,
-            keepalive_idle=cfg.forward.keepalive_idle,
-            keepalive_interval=cfg.forward.keepalive_interval,
-            keepalive_count=cfg.forward.keepalive_count,
-            user_timeout=cfg.forward.user_timeout,
-            buffer_size=cfg.forward.buffer_size,
-        )
+        self.dial = cfg.forward
         self.check: Check = check or Checker(cfg.probe)
         self.sources = sources if sources is not None else []
         self.stats = Stats()
@@ -204,7 +197,7 @@ class Runtime:
                     log.warning(
                         "pool.kept_last_known",
                         source=source,
-                        endpoints=sorted(str(e) for e in eps),
+                        endpoints=names(eps),
                         reason="the source's set would have emptied the pool",
                     )
                 case PersistState():
@@ -243,7 +236,7 @@ class Runtime:
                 "lbproxy.started",
                 listen=[_hostport(a) for a in self.listen_addresses],
                 admin=None if self.admin_address is None else _hostport(self.admin_address),
-                endpoints=sorted(str(e) for e in self.pool.records),
+                endpoints=names(self.pool.records),
                 policy=self.cfg.policy.value,
                 probe=self.cfg.probe.kind.value,
             )

@@ -57,7 +57,7 @@ import structlog
 from lbproxy.config import DnsConfig
 from lbproxy.discovery.base import Emit
 from lbproxy.errors import DiscoveryError
-from lbproxy.model import SOURCE_DNS, Endpoint, parse_hostport
+from lbproxy.model import SOURCE_DNS, Endpoint, names, parse_hostport
 from lbproxy.pool.events import EndpointsDiscovered
 
 log = structlog.get_logger("lbproxy.dns")
@@ -324,10 +324,6 @@ def _short(exc: object) -> str:
     return f"{name}: {text}" if text else name
 
 
-def describe(endpoints: Iterable[Endpoint]) -> list[str]:
-    return [str(e) for e in sorted(endpoints)]
-
-
 # ============================================================== the source
 def make_resolver(cfg: DnsConfig) -> dns.asyncresolver.Resolver:
     """A resolver for the configured nameservers, else the system's (/etc/resolv.conf).
@@ -543,7 +539,7 @@ class DnsSource:
                 "dns.resolve_failed",
                 name=entry.text,
                 error=", ".join(sorted({p or "no usable records" for p in problems})),
-                kept=describe(entry.endpoints),
+                kept=names(entry.endpoints),
             )
             entry.failures += 1
             return retry_delay(self.cfg.min_refresh, self.cfg.max_refresh, self._rng)
@@ -561,7 +557,7 @@ class DnsSource:
                 ],
             )
         if endpoints != entry.endpoints:
-            log.info("dns.resolved", name=entry.text, endpoints=describe(endpoints), ttl=ttl)
+            log.info("dns.resolved", name=entry.text, endpoints=names(endpoints), ttl=ttl)
         entry.addresses = merged
         entry.records = rnd.records
         entry.endpoints = endpoints
@@ -580,9 +576,9 @@ class DnsSource:
         before = self._emitted or frozenset()
         log.info(
             "dns.endpoints_changed",
-            endpoints=describe(union),
-            added=describe(union - before),
-            removed=describe(before - union),
+            endpoints=names(union),
+            added=names(union - before),
+            removed=names(before - union),
         )
         self._emitted = union
         self._emit(EndpointsDiscovered(SOURCE_DNS, union))

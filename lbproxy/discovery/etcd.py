@@ -59,7 +59,7 @@ from lbproxy.discovery.decode import (
     parse_watch_line,
     prefix_range_end,
 )
-from lbproxy.errors import ConfigError, DecodeError, DiscoveryError
+from lbproxy.errors import ConfigError, DecodeError, DiscoveryError, describe
 from lbproxy.health.checks import make_ssl_context
 from lbproxy.model import SOURCE_ETCD_APIADDRESSES, SOURCE_ETCD_MASTERLEASES, Endpoint
 from lbproxy.pool.events import EndpointsDiscovered
@@ -212,7 +212,7 @@ class Gateway:
                 )
             except (OSError, UnicodeDecodeError) as exc:
                 raise AuthError(
-                    f"cannot read password_file {self.cfg.password_file}: {_describe(exc)}"
+                    f"cannot read password_file {self.cfg.password_file}: {describe(exc)}"
                 ) from None
             password = text.rstrip("\r\n")
             body = {"name": self.cfg.username, "password": password}
@@ -251,7 +251,7 @@ class Gateway:
                     base + path, json=body, headers=headers, timeout=timeouts
                 )
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                failures.append(f"{base}: {_describe(exc)}")
+                failures.append(f"{base}: {describe(exc)}")
                 continue
             if resp.status < 300:
                 self._select(index)
@@ -259,7 +259,7 @@ class Gateway:
             try:
                 data = await _read_limited(resp, MAX_ERROR_BODY, "error answer")
             except (aiohttp.ClientError, TimeoutError, OSError, DiscoveryError) as exc:
-                failures.append(f"{base}: HTTP {resp.status} ({_describe(exc)})")
+                failures.append(f"{base}: HTTP {resp.status} ({describe(exc)})")
                 continue
             finally:
                 resp.close()
@@ -533,7 +533,7 @@ class EtcdSource:
                 fields = {
                     "source": source,
                     "endpoint": gateway.endpoint,
-                    "error": _describe(exc),
+                    "error": describe(exc),
                     "revision": follower.revision,
                 }
                 if backoff.attempts == 0:
@@ -656,11 +656,3 @@ class _Follower:
             count=len(current),
         )
         self.emit(EndpointsDiscovered(self.space.source, current))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__

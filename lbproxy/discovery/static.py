@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lbproxy.model import SOURCE_STATIC, Endpoint, parse_hostport
+from lbproxy.model import SOURCE_STATIC, parse_hostport
 from lbproxy.pool.events import EndpointsDiscovered
 
 
@@ -10,7 +10,3 @@ def seeds(addresses: tuple[str, ...], default_port: int) -> EndpointsDiscovered:
     """Config validation has already rejected malformed addresses."""
     eps = frozenset(parse_hostport(a, default_port) for a in addresses)
     return EndpointsDiscovered(SOURCE_STATIC, eps)
-
-
-def describe(eps: frozenset[Endpoint]) -> list[str]:
-    return sorted(str(e) for e in eps)

@@ -17,11 +17,11 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol, cast
 
 import structlog
 
+from lbproxy.config import ForwardConfig
 from lbproxy.errors import describe, is_local_error
 from lbproxy.model import Endpoint
 from lbproxy.pool.events import DialFailed, DialSucceeded, Event, UpstreamReset
@@ -29,20 +29,10 @@ from lbproxy.pool.events import DialFailed, DialSucceeded, Event, UpstreamReset
 log = structlog.get_logger("lbproxy.forward")
 
 
-@dataclass(frozen=True, slots=True)
-class DialSettings:
-    timeout: float = 2.0
-    keepalive_idle: float = 30.0
-    keepalive_interval: float = 10.0
-    keepalive_count: int = 3
-    user_timeout: float = 30.0
-    buffer_size: int = 256 * 1024
-
-
 class Hub(Protocol):
     """What a bridge needs from the runtime: candidates, event reporting, bookkeeping."""
 
-    dial: DialSettings
+    dial: ForwardConfig
 
     def candidates(self) -> list[Endpoint]: ...
     def healthy_epoch(self) -> int: ...
@@ -61,7 +51,7 @@ class Hub(Protocol):
         """Every candidate failed to dial; the client is being closed."""
 
 
-def _tune_upstream(sock: socket.socket, dial: DialSettings) -> None:
+def _tune_upstream(sock: socket.socket, dial: ForwardConfig) -> None:
     """Latency and liveness options for an upstream socket."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -77,7 +67,7 @@ def _tune_upstream(sock: socket.socket, dial: DialSettings) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dial.user_timeout * 1000))
 
 
-def tune_transport(transport: asyncio.Transport, dial: DialSettings) -> None:
+def tune_transport(transport: asyncio.Transport, dial: ForwardConfig) -> None:
     """Tune the socket under a connected transport. One real socket object over the same
     descriptor is cheaper than uvloop's socket proxy, which builds one per setsockopt;
     measured: +7 us per connection instead of +11 us. Connecting our own socket first
@@ -228,7 +218,7 @@ class Bridge:
             tried += 1
             started = loop.time()
             try:
-                async with asyncio.timeout(dial.timeout):
+                async with asyncio.timeout(dial.dial_timeout):
                     transport, side = await loop.create_connection(
                         lambda: _UpstreamSide(self), ep.host, ep.port
                     )
