@@ -33,6 +33,5 @@ def build_sources(cfg: Config, runtime: Runtime) -> list[Source]:
 
 
 def build_runtime(cfg: Config) -> Runtime:
-    runtime = Runtime(cfg)
-    runtime.sources.extend(build_sources(cfg, runtime))
-    return runtime
+    """The sources are built by the runtime right after its listeners are bound."""
+    return Runtime(cfg, source_factory=lambda runtime: build_sources(cfg, runtime))

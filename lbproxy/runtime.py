@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -64,9 +65,13 @@ class Runtime:
         cfg: Config,
         *,
         sources: list[Source] | None = None,
+        source_factory: Callable[[Runtime], list[Source]] | None = None,
         check: Check | None = None,
     ) -> None:
         self.cfg = cfg
+        # Sources are built once the listeners are bound: their modules (aiohttp,
+        # dnspython) take longer to import than the data path needs to start serving.
+        self._source_factory = source_factory
         self.pool = Pool(
             PoolSettings(
                 policy=cfg.policy,
@@ -227,6 +232,8 @@ class Runtime:
         try:
             for ep in self.cfg.listen:
                 servers.append(await self._listen(ep))
+            if self._source_factory is not None:
+                self.sources.extend(self._source_factory(self))  # may raise ConfigError
             if self.cfg.admin is not None:
                 admin_runner = await self._start_admin(self.cfg.admin)
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from lbproxy import app
-from lbproxy.config import KubernetesConfig, from_mapping
+from lbproxy.config import Config, KubernetesConfig, from_mapping
 from lbproxy.discovery import kubernetes as k8s
 from lbproxy.discovery.kubernetes import KubernetesSource, is_own_address
 from lbproxy.errors import ConfigError
@@ -457,6 +457,11 @@ def _config(tmp_path: Path, kubeconfig: str, **extra: Any) -> Any:
     )
 
 
+def _build(cfg: Config) -> list[object]:
+    """What the runtime does once its listeners are bound."""
+    return list(app.build_sources(cfg, Runtime(cfg)))
+
+
 async def test_a_bad_kubeconfig_fails_at_build_naming_path_and_field(
     api: FakeApiServer, tmp_path: Path
 ) -> None:
@@ -465,26 +470,27 @@ async def test_a_bad_kubeconfig_fails_at_build_naming_path_and_field(
     doc["users"][0]["user"]["client-key"] = "/x"
     path.write_text(json.dumps(doc))
     with pytest.raises(ConfigError) as info:
-        app.build_runtime(_config(tmp_path, str(path)))
+        _build(_config(tmp_path, str(path)))
     assert info.value.lines() == [
         f"discovery.kubernetes.kubeconfig: {path}: users[0].user.client-key: file not found: /x"
     ]
     missing = tmp_path / "missing.yaml"
     with pytest.raises(ConfigError) as info:
-        app.build_runtime(_config(tmp_path, str(missing)))
+        _build(_config(tmp_path, str(missing)))
     assert info.value.lines() == [f"discovery.kubernetes.kubeconfig: file not found: {missing}"]
     path.write_text("clusters: [\n")
     with pytest.raises(ConfigError, match=r"kc.json: not a kubeconfig this reader accepts: line 1"):
-        app.build_runtime(_config(tmp_path, str(path)))
+        _build(_config(tmp_path, str(path)))
     good = make_kubeconfig(api, tmp_path / "good.json", inline=True)
     with pytest.raises(ConfigError, match=r"discovery.kubernetes.namespace: must be a DNS label"):
-        app.build_runtime(_config(tmp_path, str(good), namespace="a/b"))
+        _build(_config(tmp_path, str(good), namespace="a/b"))
 
 
 async def test_build_sources_wires_the_runtime(api: FakeApiServer, tmp_path: Path) -> None:
     good = make_kubeconfig(api, tmp_path / "good.json", inline=True)
-    runtime = app.build_runtime(_config(tmp_path, str(good)))
-    [source] = [s for s in runtime.sources if isinstance(s, KubernetesSource)]
+    cfg = _config(tmp_path, str(good))
+    runtime = Runtime(cfg)
+    [source] = [s for s in app.build_sources(cfg, runtime) if isinstance(s, KubernetesSource)]
     assert source.pool is runtime
     runtime.listen_addresses.append(("127.0.0.1", 40000))
     assert set(source.own_addresses()) == {

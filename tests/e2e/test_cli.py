@@ -132,6 +132,34 @@ def test_run_with_the_admin_port_in_use_exits_1_naming_the_address(lbproxy: Any)
     assert "admin" in failed["error"]
 
 
+def test_run_with_a_broken_kubeconfig_exits_2_naming_path_and_field(
+    cli: Cli, tmp_path: Path, port: Callable[..., int]
+) -> None:
+    kubeconfig = tmp_path / "kc.json"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "c",
+                "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+                "clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:6443"}}],
+                "users": [{"name": "u", "user": {"client-certificate": "/nonexistent.crt"}}],
+            }
+        )
+    )
+    config = tmp_path / "lbproxy.toml"
+    config.write_text(
+        f'listen = ["127.0.0.1:{port()}"]\nadmin = ""\nstate_file = ""\n'
+        f'[discovery.kubernetes]\nkubeconfig = "{kubeconfig}"\n'
+    )
+    result = cli("run", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("discovery.kubernetes")]
+    assert str(kubeconfig) in line
+    assert "users[0].user.client-certificate" in line
+
+
 def test_run_with_a_bad_flag_exits_2(cli: Cli) -> None:
     result = cli("run", "--listen", "127.0.0.1", "--admin", "")
     assert result.returncode == 2
