@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from lbproxy.model import AUTHORITATIVE_SOURCES, Endpoint, parse_hostport
+from lbproxy.model import AUTHORITATIVE_SOURCES, Endpoint, names, parse_hostport
 
 
 @pytest.mark.parametrize(
@@ -169,3 +169,9 @@ def test_authoritative_sources_are_the_ones_an_apiserver_writes() -> None:
         frozenset({"etcd:k3s/apiaddresses", "etcd:masterleases", "kubernetes"})
         == AUTHORITATIVE_SOURCES
     )
+
+
+def test_names_are_sorted_host_port_strings() -> None:
+    eps = {Endpoint("10.0.0.2", 6443), Endpoint("::1", 6445), Endpoint("10.0.0.1", 6443)}
+    assert names(eps) == ["10.0.0.1:6443", "10.0.0.2:6443", "[::1]:6445"]
+    assert names([]) == []
