@@ -43,6 +43,7 @@ import aiohttp
 import structlog
 
 from lbproxy.config import EtcdConfig
+from lbproxy.discovery.backoff import Backoff
 from lbproxy.discovery.base import Emit
 from lbproxy.discovery.decode import (
     MAX_ENDPOINTS,
@@ -112,30 +113,6 @@ class _Resync(Exception):
         self.now = now
 
 
-class Backoff:
-    """Capped exponential backoff with jitter: base·2ⁿ, at most ``cap``, times [0.5, 1)."""
-
-    def __init__(self, cap: float, *, base: float = BACKOFF_BASE, rng: random.Random) -> None:
-        self.cap = cap
-        self.base = min(base, cap)
-        self._rng = rng
-        self._attempt = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * 2.0 ** min(self._attempt, 32))
-        self._attempt += 1
-        return delay * self._rng.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self._attempt = 0
-
-    @property
-    def attempts(self) -> int:
-        """Delays handed out since the last reset."""
-        return self._attempt
-
-
-# --------------------------------------------------------------------------- gateway
 class Gateway:
     """POSTs to etcd's JSON gateway: endpoint fallback, error bodies and the auth token."""
 
@@ -479,7 +456,7 @@ class EtcdSource:
         self.watches: dict[str, int] = {}
 
     async def run(self, emit: Emit) -> None:
-        backoff = Backoff(self.cfg.backoff_max, rng=self._rng)
+        backoff = Backoff(self.cfg.backoff_max, base=BACKOFF_BASE, rng=self._rng)
         while True:
             try:
                 ssl_ctx = self._ssl_context()
@@ -511,7 +488,7 @@ class EtcdSource:
     async def _follow(self, gateway: Gateway, space: _KeySpace, emit: Emit) -> None:
         """Range, watch, resume; forever. Reports ``space``'s set whenever it changes."""
         follower = _Follower(space, gateway, emit, self)
-        backoff = Backoff(self.cfg.backoff_max, rng=self._rng)
+        backoff = Backoff(self.cfg.backoff_max, base=BACKOFF_BASE, rng=self._rng)
         source = space.source
         while True:
             try:

@@ -41,6 +41,7 @@ from yarl import URL
 
 from lbproxy import __version__
 from lbproxy.config import KubernetesConfig
+from lbproxy.discovery.backoff import Backoff
 from lbproxy.discovery.base import Emit, PoolView
 from lbproxy.discovery.k8s_decode import (
     MAX_ENDPOINTS,
@@ -104,22 +105,6 @@ class _Target:
 
     def __str__(self) -> str:
         return str(self.endpoint) if self.endpoint is not None else str(self.base)
-
-
-class _Backoff:
-    def __init__(self, cap_seconds: float, rng: random.Random) -> None:
-        self.cap = cap_seconds
-        self.rng = rng
-        self.failures = 0
-
-    def next(self) -> float:
-        self.failures += 1
-        ceiling = min(self.cap, BACKOFF_START * 2.0 ** min(self.failures - 1, 30))
-        # Equal jitter: never less than half the step, so retries still spread out.
-        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 def is_own_address(host: str, port: int, own: Iterable[Endpoint]) -> bool:
@@ -304,7 +289,7 @@ class KubernetesSource:
 
     async def run(self, emit: Emit) -> None:
         self._emit = emit
-        backoff = _Backoff(self.cfg.backoff_max, self.rng)
+        backoff = Backoff(self.cfg.backoff_max, base=BACKOFF_START, rng=self.rng)
         relist = True
         connector = aiohttp.TCPConnector(ssl=self.kubeconfig.ssl_context, limit=4)
         async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
@@ -326,9 +311,9 @@ class KubernetesSource:
                         "kubernetes.expired",
                         server=str(target),
                         error=str(exc),
-                        retry_in=round(delay, 3) if backoff.failures > 1 else 0,
+                        retry_in=round(delay, 3) if backoff.attempts > 1 else 0,
                     )
-                    if backoff.failures > 1:
+                    if backoff.attempts > 1:
                         await asyncio.sleep(delay)
                     continue
                 except _Moved as exc:
@@ -343,7 +328,7 @@ class KubernetesSource:
                         self._failed(target)
                     delay = backoff.next()
                     # A stream cut after progress resumes at once; repeats back off.
-                    if exc.resume_at_once and backoff.failures == 1:
+                    if exc.resume_at_once and backoff.attempts == 1:
                         delay = 0.0
                     log.warning(
                         "kubernetes.request_failed",

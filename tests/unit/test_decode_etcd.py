@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lbproxy.discovery import decode
+from lbproxy.discovery.backoff import Backoff
 from lbproxy.discovery.decode import (
     MAX_ENDPOINTS,
     EventType,
@@ -36,7 +37,7 @@ from lbproxy.discovery.decode import (
     parse_watch_line,
     prefix_range_end,
 )
-from lbproxy.discovery.etcd import ApiAddresses, Backoff, MasterLeases, MessageTooLong, split_lines
+from lbproxy.discovery.etcd import ApiAddresses, MasterLeases, MessageTooLong, split_lines
 from lbproxy.errors import DecodeError, DiscoveryError
 from lbproxy.model import Endpoint
 
@@ -635,7 +636,7 @@ async def test_split_lines_refuses_absurdly_long_lines() -> None:
 
 
 def test_backoff_is_capped_and_jittered() -> None:
-    backoff = Backoff(2.0, rng=random.Random(3))
+    backoff = Backoff(2.0, base=0.1, rng=random.Random(3))
     delays = [backoff.next() for _ in range(12)]
     assert all(0 < d <= 2.0 for d in delays)
     assert delays[0] <= 0.1
