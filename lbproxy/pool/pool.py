@@ -161,7 +161,6 @@ class Pool:
     # ------------------------------------------------------------------ events
     def handle(self, event: Event, now: float) -> list[Action]:
         actions: list[Action] = []
-        had_healthy = bool(self._healthy)
         changed = True
         match event:
             case EndpointsDiscovered():
@@ -186,7 +185,7 @@ class Pool:
             case _:
                 assert_never(event)
         if changed:
-            self._reconcile(had_healthy, actions)
+            self._reconcile(actions)
         return actions
 
     # --------------------------------------------------------------- handlers
@@ -348,9 +347,13 @@ class Pool:
             rec.next_probe_at = now
             actions.append(ProbeScheduleChanged())
 
-    def _reconcile(self, had_healthy: bool, actions: list[Action]) -> None:
-        """Recompute the order and the sticky target after anything that may change them."""
+    def _reconcile(self, actions: list[Action]) -> None:
+        """Recompute the order and the sticky target after anything that may change them.
+
+        ``self._healthy`` still holds the tier from before the event: it changes only here.
+        """
         was_healthy = {rec.endpoint for rec in self._healthy}
+        had_healthy = bool(was_healthy)
         self._healthy, self._fallback = tiers(self._records.values())
         if self._healthy and not had_healthy:
             self._healthy_epoch += 1
